@@ -55,6 +55,7 @@ class MoEModule(nn.Module):
 
 class CAMExMlp(MoEModule):
     """Merging SMoE FFN: ``fc1 -> act -> drop -> norm -> fc2 -> drop`` with merged experts per routing unit."""
+    merged_names: Tuple[str, ...] = ('fc1', 'fc2')
 
     def __init__(
             self,
@@ -137,10 +138,12 @@ class CAMExMlp(MoEModule):
         moe.load_dense(fc1, fc2)
         return moe
 
-    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        """Upcycle in place from two dense linears (see ``from_dense``)."""
-        self.fc1.load_dense(fc1.weight, fc1.bias)
-        self.fc2.load_dense(fc2.weight, fc2.bias)
+    def load_dense(self, *linears: nn.Linear) -> None:
+        """Upcycle in place from dense linears, one per name in ``merged_names`` (see ``from_dense``)."""
+        if len(linears) != len(self.merged_names):
+            raise ValueError(f'expected {len(self.merged_names)} dense linears {self.merged_names}, got {len(linears)}')
+        for name, fc in zip(self.merged_names, linears):
+            getattr(self, name).load_dense(fc.weight, fc.bias)
 
     def upcycled_state_dict(self, dense: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """This module's state dict with experts upcycled from a dense ``Mlp`` state dict (``fc1.weight`` ...).
@@ -149,7 +152,7 @@ class CAMExMlp(MoEModule):
         through. Used by checkpoint filters to upcycle dense checkpoints exactly.
         """
         out = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        for name in ('fc1', 'fc2'):
+        for name in self.merged_names:
             layer: MergedLinear = getattr(self, name)
             for kind in ('weight', 'bias'):
                 key = f'{name}.{kind}'
@@ -168,7 +171,7 @@ class CAMExMlp(MoEModule):
                 eye = CAMExMlp._identity_curvature(layer)
                 out.update({f'{name}.curvature.{k}': v for k, v in eye.items()})
         for key, value in dense.items():
-            if not key.startswith(('fc1.', 'fc2.')):
+            if key.split('.')[0] not in self.merged_names:
                 if key not in out:
                     raise ValueError(f'dense checkpoint entry {key} has no counterpart in {type(self).__name__}')
                 out[key] = value
@@ -215,6 +218,9 @@ class CAMExMlp(MoEModule):
             return y
         return y.reshape(b, -1, y.shape[-1])[:, lead:lead + l]
 
+    def _hidden(self, units: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc1(units, gates))
+
     def forward(
             self,
             x: torch.Tensor,
@@ -230,7 +236,7 @@ class CAMExMlp(MoEModule):
         gates, aux = self._route(0, x, mask, cache)
         units, lead = self._units(x, offset)
         gates1 = gates.reshape(units.shape[0], -1)
-        h = self.norm(self.drop1(self.act(self.fc1(units, gates1))))
+        h = self.norm(self.drop1(self._hidden(units, gates1)))
         gates2 = gates1
         if self.router_per == 'linear':
             g2, aux2 = self._route(1, self._tokens(h, b, l, lead), mask, cache)
@@ -240,6 +246,41 @@ class CAMExMlp(MoEModule):
             cache.offset += l
         self._record(gates, aux)
         return self._tokens(y, b, l, lead).reshape(*shape[:-1], self.out_features)
+
+
+class CAMExGatedMlp(CAMExMlp):
+    """Gated merging FFN (T5 v1.1 / GLU style): ``fc2(drop(norm(act(fc1_gate(x)) * fc1(x))))``.
+
+    ``fc1_gate`` is the activated projection (T5's ``wi_0``), ``fc1`` the linear one (``wi_1``), ``fc2`` the
+    output (``wo``). All three merge with the gates of the first router.
+    """
+    merged_names = ('fc1_gate', 'fc1', 'fc2')
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, *args, **kwargs):
+        super().__init__(in_features, hidden_features, *args, **kwargs)
+        fc1 = self.fc1
+        self.fc1_gate = MergedLinear(
+            fc1.in_features, fc1.out_features, fc1.num_experts, bias=fc1.has_bias, merge=fc1.merge, mask=fc1.mask,
+            kron_rank=fc1.kron_rank, alpha=fc1.alpha, density=fc1.density, dare_p=fc1.dare_p, dare_mode=fc1.dare_mode,
+            device=fc1.weight_experts.device, dtype=fc1.weight_experts.dtype)
+
+    @classmethod
+    def from_dense(cls, linears: Tuple[nn.Linear, nn.Linear, nn.Linear], **options) -> 'CAMExGatedMlp':
+        """Exact upcycling from dense ``(gate, value, out)`` linears (T5's ``wi_0, wi_1, wo``); pass ``act_layer``."""
+        gate, value, out = linears
+        if gate.weight.shape != value.weight.shape or value.out_features != out.in_features:
+            raise ValueError(f'inconsistent gated FFN shapes: gate {tuple(gate.weight.shape)}, '
+                             f'value {tuple(value.weight.shape)}, out {tuple(out.weight.shape)}')
+        if (gate.bias is None) != (value.bias is None):
+            raise ValueError('gate and value projections must both have or both lack a bias')
+        p = value.weight
+        moe = cls(value.in_features, value.out_features, out.out_features,
+                  bias=(value.bias is not None, out.bias is not None), device=p.device, dtype=p.dtype, **options)
+        moe.load_dense(gate, value, out)
+        return moe
+
+    def _hidden(self, units: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc1_gate(units, gates)) * self.fc1(units, gates)
 
 
 class SMoEMlp(MoEModule):
