@@ -179,7 +179,9 @@ class MergedLinear(nn.Module):
         if self.owns_base:
             return self.weight_base, self.bias_base
         prev = self._link.prev
-        outgoing, prev._outgoing = prev._outgoing, None  # produced by prev's forward in this pass; used once
+        # produced by prev's forward earlier in this pass; kept (not consumed) so that activation checkpointing
+        # recomputes this layer with exactly the tensors of the original forward
+        outgoing = prev._outgoing
         if outgoing is None:
             _, outgoing = prev._transformed()
         return outgoing
