@@ -25,7 +25,7 @@ setup(
     extras_require={
         'nlp': ['transformers>=4.45'],
         'plots': ['matplotlib'],
-        'dev': ['pytest', 'pytest-timeout', 'matplotlib', 'transformers>=4.45'],
+        'dev': ['pytest', 'matplotlib', 'transformers>=4.45'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',
