@@ -238,8 +238,8 @@ class MergedLinear(nn.Module):
         base_w, base_b, delta_w, delta_b = self.expert_deltas()
         gates = self.merge_gates(gates).to(delta_w.dtype)
         u, e = gates.shape
-        weight = base_w.unsqueeze(0) + (gates @ delta_w.reshape(e, -1)).reshape(u, *base_w.shape)
-        bias = base_b.unsqueeze(0) + gates @ delta_b if delta_b is not None else None
+        weight = torch.addmm(base_w.reshape(1, -1), gates, delta_w.reshape(e, -1)).reshape(u, *base_w.shape)
+        bias = torch.addmm(base_b.unsqueeze(0), gates, delta_b) if delta_b is not None else None
         return weight, bias
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
