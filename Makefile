@@ -16,5 +16,8 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest tests -q
 
+demo:
+	bash scripts/demo.sh
+
 clean:
 	rm -rf $(VENV) *.egg-info
