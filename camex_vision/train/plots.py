@@ -98,7 +98,9 @@ def plot_expert_usage(rows: List[Dict[str, str]], path: str, prefix: str = 'trai
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     for ax in list(axes.flat)[n:]:
         ax.axis('off')
-    fig.suptitle(title or 'mean router score per expert')
+    sizes = sorted({len(experts) for experts in layers.values()})
+    uniform = ', '.join(f'{1. / k:.3f}' for k in sizes)
+    fig.suptitle(f'{title + ": " if title else ""}mean router score per domain expert (uniform: {uniform})')
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
