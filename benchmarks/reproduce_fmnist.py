@@ -60,6 +60,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -360,14 +361,26 @@ def summarise(rows: List[Dict[str, str]], cfg_hash: str) -> Dict[Tuple[str, str,
     for key, rs in groups.items():
         top1 = [float(r['top1']) for r in rs]
         mean, std = mean_std(top1)
-        walls = sorted(float(r['wall_s']) for r in rs)
         out[key] = dict(
-            n=len(rs), mean=mean, std=std, top1=top1, seeds=sorted(int(r['seed']) for r in rs),
-            params=int(rs[0]['params']), mflops=float(rs[0]['mflops_per_img']), wall=walls[len(walls) // 2],
-            cpu=sorted(float(r['cpu_s']) for r in rs)[len(rs) // 2], train_images=int(rs[0]['train_images']),
+            n=len(rs), mean=mean, std=std, top1=top1, seeds=[int(r['seed']) for r in rs],
+            params=int(rs[0]['params']), mflops=float(rs[0]['mflops_per_img']),
+            wall=statistics.median(float(r['wall_s']) for r in rs),
+            cpu=statistics.median(float(r['cpu_s']) for r in rs), train_images=int(rs[0]['train_images']),
             check=max((v for r in rs for v in (float(r['upcycle_err']), float(r['reparam_err'])) if not math.isnan(v)),
                       default=float('nan')))
     return out
+
+
+def paired_delta(stats: Dict[Tuple[str, str, str], Dict[str, Any]], model_key: str, phase: str,
+                 method: str) -> Optional[List[float]]:
+    """Per-seed ``top1(method) - top1(Vanilla)`` over the seeds both have: seeds share the data order, so the paired
+    difference removes the seed-to-seed variation common to all rows."""
+    base, s = stats.get((model_key, phase, 'Vanilla')), stats.get((model_key, phase, method))
+    if base is None or s is None or method == 'Vanilla':
+        return None
+    ref = dict(zip(base['seeds'], base['top1']))
+    deltas = [t - ref[seed] for seed, t in zip(s['seeds'], s['top1']) if seed in ref]
+    return deltas or None
 
 
 def report(args: argparse.Namespace, cfg: Dict[str, Any]) -> str:
@@ -383,21 +396,22 @@ def report(args: argparse.Namespace, cfg: Dict[str, Any]) -> str:
                   f'official 10k test set', '']
     for phase in PHASES:
         for model_key in args.models:
-            base = stats.get((model_key, phase, 'Vanilla'))
             present = [m for m in args.methods if (model_key, phase, m) in stats]
             if not present:
                 continue
             s0 = stats[(model_key, phase, present[0])]
             title = ('from scratch' if phase == 'scratch' else
                      f'upcycled from the Vanilla seed-0 model ({summary_source(stats, model_key)}) and fine-tuned')
-            lines += [f'**{model_key}, {title}**: {s0["train_images"]} training images per run, batch {cfg["batch"]}',
+            lines += [f'**{model_key}, {title}**: {s0["train_images"]} training images per run, '
+                      f'batch {cfg["batch"]}',
                       '',
-                      '| method | top-1 % mean | std | seeds | vs Vanilla | params (M) | MFLOPs/img | wall s | cpu s '
-                      '| max logit err |',
-                      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+                      '| method | top-1 % mean | std | seeds | vs Vanilla, paired: mean | std | params (M) '
+                      '| MFLOPs/img | wall s | cpu s | max logit err |',
+                      '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
             for m in present:
                 s = stats[(model_key, phase, m)]
-                delta = f'{s["mean"] - base["mean"]:+.2f}' if base and m != 'Vanilla' else '-'
+                deltas = paired_delta(stats, model_key, phase, m)
+                delta = '- | -' if deltas is None else '{:+.2f} | {:.2f}'.format(*mean_std(deltas))
                 check = '-' if math.isnan(s['check']) else f'{s["check"]:.0e}'
                 lines.append(
                     f'| {m} | {s["mean"]:.2f} | {s["std"]:.2f} | {s["n"]} | {delta} | {s["params"] / 1e6:.2f} | '
@@ -420,7 +434,8 @@ def summary_source(stats: Dict[Tuple[str, str, str], Dict[str, Any]], model_key:
 
 
 def plot(stats: Dict[Tuple[str, str, str], Dict[str, Any]], args: argparse.Namespace, path: str) -> None:
-    """Top-1 mean with a one-standard-deviation error bar and the individual seeds, per method, model and phase."""
+    """Top row: top-1 mean with a one-standard-deviation bar and the individual seeds, per method, model and phase.
+    Bottom row: the paired difference to Vanilla (same seed), mean and one standard deviation over seeds."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -428,24 +443,36 @@ def plot(stats: Dict[Tuple[str, str, str], Dict[str, Any]], args: argparse.Names
     panels = [(m, p) for p in PHASES for m in args.models if any((m, p, meth) in stats for meth in args.methods)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    for ax, (model_key, phase) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.6), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[3, 2]))
+    for col, (model_key, phase) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
         methods = [m for m in args.methods if (model_key, phase, m) in stats]
         for i, m in enumerate(methods):
             s = stats[(model_key, phase, m)]
             color = 'tab:gray' if m == 'Vanilla' else 'tab:orange' if m == 'SMoE' else (
                 'tab:red' if m.endswith('-CA') or m == 'Dynamic' else 'tab:blue')
-            ax.errorbar(i, s['mean'], yerr=s['std'], fmt='o', color=color, capsize=4)
-            ax.scatter([i] * len(s['top1']), s['top1'], s=8, color=color, alpha=0.4)
+            top.errorbar(i, s['mean'], yerr=s['std'], fmt='o', color=color, capsize=4)
+            top.scatter([i] * len(s['top1']), s['top1'], s=8, color=color, alpha=0.4)
+            deltas = paired_delta(stats, model_key, phase, m)
+            if deltas:
+                mean, std = mean_std(deltas)
+                bottom.errorbar(i, mean, yerr=std, fmt='o', color=color, capsize=4)
+                bottom.scatter([i] * len(deltas), deltas, s=8, color=color, alpha=0.4)
         base = stats.get((model_key, phase, 'Vanilla'))
         if base:
-            ax.axhline(base['mean'], color='tab:gray', lw=0.8, ls='--')
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=60, ha='right', fontsize=8)
-        ax.set_title(f'{model_key}, {phase}', fontsize=10)
-        ax.set_ylabel('Fashion-MNIST top-1 (%)')
-        ax.grid(axis='y', alpha=0.3)
-    fig.suptitle('mean +- 1 std over seeds (dots: seeds); red: curvature-aware, blue: Euclidean', fontsize=9)
+            top.axhline(base['mean'], color='tab:gray', lw=0.8, ls='--')
+        bottom.axhline(0.0, color='tab:gray', lw=0.8, ls='--')
+        top.set_title(f'{model_key}, {phase}', fontsize=10)
+        top.set_ylabel('Fashion-MNIST top-1 (%)')
+        bottom.set_ylabel('top-1 minus Vanilla, same seed (points)')
+        for ax in (top, bottom):
+            ax.set_xticks(range(len(methods)))
+            ax.grid(axis='y', alpha=0.3)
+        top.set_xticklabels([])
+        bottom.set_xticklabels(methods, rotation=60, ha='right', fontsize=8)
+    fig.suptitle('mean +- 1 std over seeds (dots: seeds); red: curvature-aware, blue: Euclidean, orange: SMoE',
+                 fontsize=9)
     fig.tight_layout()
     ensure_dir(os.path.dirname(path))
     fig.savefig(path, dpi=120)
