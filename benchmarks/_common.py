@@ -29,6 +29,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, REPO)
     import camex_vision  # noqa: F401
 import timm  # noqa: E402
+from camex_vision.core import release_merge_scratch  # noqa: E402
 
 
 # ---- machine and software ----
@@ -147,11 +148,13 @@ def cpu_peak_bytes(fn: Callable[[], None]) -> int:
     """Peak of the CPU allocator's live bytes during ``fn()``, above the bytes live when it started.
 
     ``torch.profiler`` with ``profile_memory=True`` records every CPU allocation and free with its size; their
-    running sum in time order is the live-byte curve (the method of ``bench_merge.py``).
+    running sum in time order is the live-byte curve. The merge core's scratch buffer for inference passes is freed
+    first, so that its allocation (when ``fn`` runs a merging model without gradients) is part of the peak.
     """
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    release_merge_scratch()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())

@@ -37,7 +37,6 @@ import argparse
 import copy
 import ctypes
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -47,21 +46,15 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
-try:
-    import camex_vision
-except ImportError:  # run from a checkout without installing: python benchmarks/bench_merge.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import camex_vision
-import timm
-from timm.layers import Mlp
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_peak_bytes, load_average, machine_info  # noqa: E402  (puts the checkout on the path)
+from timm.layers import Mlp  # noqa: E402
 
-from camex_vision import CAMExMlp, SMoEMlp, reparameterize
-from camex_vision.core.merge import MergedLinear, ties_mask
-from camex_vision.core.router import pool_units
+from camex_vision import CAMExMlp, SMoEMlp, reparameterize  # noqa: E402
+from camex_vision.core.merge import MergedLinear, ties_mask  # noqa: E402
+from camex_vision.core.router import pool_units  # noqa: E402
 
 SIZES = {'vit_s': (384, 1536), 'vit_b': (768, 3072)}  # (embed dim, FFN hidden dim)
 SEQ_LEN = 197  # 14 x 14 patches + class token at 224 px
@@ -200,29 +193,6 @@ def make_step(module: nn.Module, mode: str, x: torch.Tensor, grad_out: torch.Ten
     return step
 
 
-def peak_bytes(step: Callable[[], None]) -> int:
-    """Peak of the CPU allocator's live bytes during ``step()``, above the bytes live when it started.
-
-    ``profile_memory=True`` records every allocation and free of the CPU allocator with its size; their running sum
-    in time order is the live-byte curve of the step.
-    """
-    from torch._C._profiler import _EventType  # what torch.profiler's own memory timeline reads
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
 # ---- the measurement ----
 
 Key = Tuple[str, str]  # (variant, mode)
@@ -252,7 +222,7 @@ def bench_size(dim: int, hidden: int, args: argparse.Namespace) -> Result:
 
     keys = [(v, m) for v in args.variants for m in MODES if not (m == 'train' and v in INFERENCE_ONLY)]
     steps = {key: make_step(variants[key[0]], key[1], x, grad_out) for key in keys}
-    peaks = {key: peak_bytes(steps[key]) for key in keys}  # doubles as the warm-up: this pass is not timed
+    peaks = {key: cpu_peak_bytes(steps[key]) for key in keys}  # doubles as the warm-up: this pass is not timed
 
     wall: Dict[Key, List[float]] = {key: [] for key in keys}
     cpu: Dict[Key, List[float]] = {key: [] for key in keys}
@@ -339,22 +309,10 @@ def check_rss(args: argparse.Namespace, result: Result) -> List[str]:
 
 # ---- reporting ----
 
-def machine_info(args: argparse.Namespace) -> List[str]:
-    model = 'unknown'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
-    except OSError:
-        pass
-    return [
-        f'CPU: {model}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable), {platform.machine()}',
-        f'torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}, '
-        f'torch threads {torch.get_num_threads()}, malloc {"heap only (--no-mmap)" if args.no_mmap else "system"}',
-    ]
-
-
-def load_average() -> str:
-    return 'load average ' + ' '.join(f'{v:.2f}' for v in os.getloadavg())
+def machine_lines(args: argparse.Namespace) -> List[str]:
+    info = machine_info(args.threads)
+    malloc = 'heap only (--no-mmap)' if args.no_mmap else 'system'
+    return [f'CPU: {info["cpu"]}', f'{info["software"]}, torch threads {args.threads}, malloc {malloc}']
 
 
 def format_table(size: str, res: Result, args: argparse.Namespace) -> List[str]:
@@ -447,9 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     torch.set_num_threads(args.threads)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    print('\n'.join(machine_info(args)))
+    print('\n'.join(machine_lines(args)))
     print(f'command: python benchmarks/bench_merge.py {" ".join(sys.argv[1:] if argv is None else argv)}')
-    print(f'start: {load_average()}')
+    print(f'start: load average {load_average()}')
     self_check_small(args.experts)
     print('checks: naive and reparam == camex on a small layer (outputs; every gradient of naive)')
     results = {}
@@ -461,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print('\n' + '\n'.join(format_targets(size, results[size], args)))
     if args.check_rss:
         print('\n' + '\n'.join(check_rss(args, results[args.sizes[0]])))
-    print(f'\nend: {load_average()}; total {time.perf_counter() - start_wall:.0f} s wall, '
+    print(f'\nend: load average {load_average()}; total {time.perf_counter() - start_wall:.0f} s wall, '
           f'{time.process_time() - start_cpu:.0f} s CPU')
 
 

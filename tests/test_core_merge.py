@@ -180,3 +180,55 @@ def test_chain_restarts_on_shape_change():
     chains = link_dynamic_chain(layers)
     assert [len(c) for c in chains] == [2, 2]
     assert [layer.owns_base for layer in layers] == [True, False, True, False]
+
+
+def test_layers_without_a_follower_do_not_propagate_a_base():
+    layer = MergedLinear(3, 2, num_experts=3, mask=None)
+    layer(torch.randn(2, 4, 3), torch.full((2, 2), 0.5))
+    assert layer._outgoing is None
+
+
+@pytest.mark.parametrize('no_grad', [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize('merge,mask', [('euclidean', None), ('camex', 'ties')])
+def test_inference_passes_reuse_scratch_buffers_and_match_the_autograd_path(no_grad, merge, mask):
+    from camex_vision.core import merge as merge_module
+    merge_module.release_merge_scratch()
+    torch.manual_seed(0)
+    big, small = MergedLinear(6, 8, num_experts=4, merge=merge, mask=mask), MergedLinear(8, 6, num_experts=4)
+    gates = torch.softmax(torch.randn(5, 3), -1)
+    x = torch.randn(5, 7, 6)
+    expected = big(x, gates)  # autograd on: fresh tensors
+    with no_grad():
+        y1 = big(x, gates)
+        buffers = dict(merge_module._SCRATCH.buffers)
+        assert buffers['weights'].numel() == 5 * 8 * 6 and buffers['deltas'].numel() == 3 * 8 * 6
+        y2 = small(y1, gates)  # same size requests: the same buffers; y1 must not alias them
+        y3 = big(x[:2], gates[:2])  # smaller requests are served from the same buffers
+        assert all(merge_module._SCRATCH.buffers[k] is v for k, v in buffers.items())
+    torch.testing.assert_close(y1, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(y3, expected[:2].detach())  # another batch size may round differently
+    torch.testing.assert_close(y2, small(expected, gates).detach())
+    merge_module.release_merge_scratch()
+    assert not merge_module._SCRATCH.buffers
+
+
+def test_public_merge_helpers_never_return_scratch_memory():
+    from camex_vision.core import merge as merge_module
+    layer = MergedLinear(6, 8, num_experts=4, mask=None)
+    gates = torch.full((2, 3), 1 / 3)
+    with torch.no_grad():
+        weight, _ = layer.merged_weights(gates)
+        deltas = layer.expert_deltas()[2]
+        layer(torch.randn(2, 3, 6), gates)  # fills the scratch buffers
+    for buf in merge_module._SCRATCH.buffers.values():
+        for t in (weight, deltas):
+            assert t.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+
+
+def test_training_passes_never_use_the_scratch_buffers():
+    from camex_vision.core import merge as merge_module
+    merge_module.release_merge_scratch()
+    layer = MergedLinear(6, 8, num_experts=4)
+    y = layer(torch.randn(2, 3, 6), torch.full((2, 3), 1 / 3))
+    y.sum().backward()
+    assert not merge_module._SCRATCH.buffers and layer.weight_experts.grad is not None

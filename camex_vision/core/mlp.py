@@ -20,7 +20,7 @@ from torch import nn
 
 from .merge import MergedLinear
 from .options import ROUTER_PER, check_choice, check_finite, check_int, check_num_experts, resolve_top_k
-from .router import Router, SegmentRouting, SegmentState, balance_loss, pool_units
+from .router import Router, SegmentRouting, SegmentState, pool_units
 
 
 def _pair(v):
