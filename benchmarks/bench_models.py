@@ -244,11 +244,12 @@ def profile_step(family: str, spec: str, args: argparse.Namespace) -> str:
         runner.step()
     wall = time.perf_counter() - t0
     sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=args.profile_rows,
-                                                               max_name_column_width=40, max_shapes_column_width=70)
+    by_op = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=40)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=sort, row_limit=args.profile_rows, max_name_column_width=40, max_shapes_column_width=70)
     header = (f'{family} {variant} {mode}, batch {args.batch}, {args.device} {args.dtype}, {args.threads} threads, '
               f'one profiled step {wall:.2f} s wall (load average {load_average()})')
-    return header + '\n' + table
+    return f'{header}\n\nby op:\n{by_op}\nby op and input shapes:\n{by_shape}'
 
 
 # ---- reporting ----

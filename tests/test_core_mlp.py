@@ -236,3 +236,34 @@ def test_runs_under_torch_compile():
     moe.train()
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in moe.parameters())
+
+
+MIXED = [dict(merge='camex', mask='ties'), dict(merge='euclidean', mask='dare'),
+         dict(merge='camex', mask=None, router_per='linear')]
+
+
+@pytest.mark.parametrize('make', [lambda: SMoEMlp(12, 20)] + [
+    (lambda o: lambda: _perturb(CAMExMlp.from_dense(_dense_mlp(), **o)))(o) for o in MIXED])
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_bfloat16_autocast_matches_a_dense_mlp_dtype_and_trains(make, mode):
+    moe, dense = make(), _dense_mlp()
+    getattr(moe, mode)()
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, y_dense = moe(x), dense(x)
+    assert y.dtype == y_dense.dtype == torch.bfloat16
+    if mode == 'eval':  # (training passes draw router noise and DARE drops: no two are alike)
+        with torch.no_grad():
+            ref = moe(x)  # float32 pass: autocast only rounds, it must not change what is computed
+        torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    else:
+        y.float().square().mean().backward()
+        assert x.grad is not None and all(p.grad is not None for p in moe.parameters())
+
+
+@pytest.mark.parametrize('make', [lambda: SMoEMlp(12, 20), lambda: CAMExMlp(12, 20)])
+def test_bfloat16_weights_run_in_bfloat16(make):
+    moe = make().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        y = moe(torch.randn(3, 5, 12, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()

@@ -122,6 +122,22 @@ def test_model_backward_variants(model_name, variant):
     assert not torch.isnan(outputs).any()
 
 
+@pytest.mark.parametrize('variant', ['default', 'smoe', 'dynamic'])
+@pytest.mark.parametrize('model_name', TEST_MODELS)
+def test_model_trains_and_infers_under_bfloat16_autocast(model_name, variant):
+    kwargs = {} if variant == 'default' else _variant_kwargs(model_name, variant)
+    model = _create(model_name, num_classes=42, **kwargs).train()
+    x = _randn(model_name, 2, _input_size(model, TARGET_BWD_SIZE))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outputs = model(x)
+    outputs.float().mean().backward()
+    assert outputs.dtype == torch.bfloat16 and torch.isfinite(outputs.float()).all()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    model.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.isfinite(model(x).float()).all()
+
+
 @pytest.mark.parametrize('model_name', ALL_MODELS)
 def test_model_default_cfgs(model_name):
     """timm's test_model_default_cfgs (Swin, spatial output) and test_model_default_cfgs_non_std (ViT)."""

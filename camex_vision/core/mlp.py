@@ -378,12 +378,14 @@ class SMoEMlp(MoEModule):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         gates, aux = self.router(tokens)  # [t, n], zeros outside each token's top-k
-        out = tokens.new_zeros(tokens.shape[0], self.out_features)
+        out = None
         for e in range(self.num_experts):
             idx = gates[:, e].nonzero().squeeze(1)
             h = F.linear(tokens[idx], self.fc1_weight[e], self.fc1_bias[e] if self.fc1_bias is not None else None)
             h = self.norm(self.drop1(self.act(h)))
             y = F.linear(h, self.fc2_weight[e], self.fc2_bias[e] if self.fc2_bias is not None else None)
-            out = out.index_add(0, idx, y * gates[idx, e:e + 1])
+            if out is None:  # in the experts' output dtype (bfloat16 under autocast, like a dense Mlp's)
+                out = y.new_zeros(tokens.shape[0], self.out_features)
+            out = out.index_add(0, idx, y * gates[idx, e:e + 1].to(y.dtype))
         self._record(gates, aux)
         return self.drop2(out).reshape(*shape[:-1], self.out_features)

@@ -95,10 +95,11 @@ class CAMExSwinTransformer(MoEModelMixin, SwinTransformer):
                              f'stages, e.g. {[list(b) for b in _default_moe_blocks(depths)]}')
         else:
             blocks = tuple(resolve_moe_blocks(b, d, default=()) for b, d in zip(moe_blocks, depths))
-        moe_layer = moe_mlp_layer(
+        moe_options = dict(
             num_experts=num_experts, merge=merge, mask=mask, kron_rank=kron_rank, alpha=alpha, top_k=top_k,
             density=density, dare_p=dare_p, dare_mode=dare_mode, dynamic=dynamic, router_per=router_per,
             router_noise=router_noise, balance_coef=balance_coef)
+        moe_layer = moe_mlp_layer(**moe_options)
         dense_kwargs = dict(kwargs, depths=depths, device=device, dtype=dtype)
         kwargs.setdefault('embed_layer', CheckedPatchEmbed)
         super().__init__(depths=depths, device=device, dtype=dtype, **kwargs)
@@ -117,10 +118,7 @@ class CAMExSwinTransformer(MoEModelMixin, SwinTransformer):
                     dtype=dtype,
                 )
         self.moe_blocks = blocks
-        self._moe_options = dict(
-            num_experts=num_experts, merge=merge, mask=mask, kron_rank=kron_rank, alpha=alpha, top_k=top_k,
-            density=density, dare_p=dare_p, dare_mode=dare_mode, dynamic=dynamic, router_per=router_per,
-            router_noise=router_noise, balance_coef=balance_coef)
+        self._moe_options = moe_options
         self._dense_cls, self._dense_kwargs = SwinTransformer, dense_kwargs
         if dynamic:
             link_dynamic([m for _, m in moe_modules(self)])

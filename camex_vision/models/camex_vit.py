@@ -93,10 +93,11 @@ class CAMExVisionTransformer(MoEModelMixin, VisionTransformer):
         """
         check_model_kwargs(type(self).__name__, VisionTransformer, kwargs, reserved={'block_fn', 'mlp_layer'})
         blocks = resolve_moe_blocks(moe_blocks, depth, default=range(1, depth, 2))
-        moe_layer = moe_mlp_layer(
+        moe_options = dict(
             num_experts=num_experts, merge=merge, mask=mask, kron_rank=kron_rank, alpha=alpha, top_k=top_k,
             density=density, dare_p=dare_p, dare_mode=dare_mode, dynamic=dynamic, router_per=router_per,
             router_noise=router_noise, balance_coef=balance_coef)
+        moe_layer = moe_mlp_layer(**moe_options)
         dense_kwargs = dict(kwargs, depth=depth)
         kwargs.setdefault('embed_layer', CheckedPatchEmbed)
         super().__init__(
@@ -106,10 +107,7 @@ class CAMExVisionTransformer(MoEModelMixin, VisionTransformer):
             **kwargs,
         )
         self.moe_blocks = blocks
-        self._moe_options = dict(
-            num_experts=num_experts, merge=merge, mask=mask, kron_rank=kron_rank, alpha=alpha, top_k=top_k,
-            density=density, dare_p=dare_p, dare_mode=dare_mode, dynamic=dynamic, router_per=router_per,
-            router_noise=router_noise, balance_coef=balance_coef)
+        self._moe_options = moe_options
         self._dense_cls, self._dense_kwargs = VisionTransformer, dense_kwargs
         if dynamic:
             link_dynamic([m for _, m in moe_modules(self)])
