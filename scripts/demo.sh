@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: virtualenv, install, Fashion-MNIST, then the embedded default run of
-# train_vision.py (a small CAMEx ViT, about ten minutes on two CPU cores), which ends with a short report and
+# train_vision.py (a small CAMEx ViT, about eleven minutes on two idle CPU cores), which ends with a short report and
 # writes PNG plots (learning curves, expert usage per MoE layer) into its output folder.
 #
 #   scripts/demo.sh                    # what `make demo` runs
