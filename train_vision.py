@@ -55,6 +55,7 @@ from timm.utils import (  # noqa: E402
     setup_default_logging, trim_summary, unwrap_model, update_summary)
 
 import camex_vision  # noqa: E402
+from camex_vision.core import release_merge_scratch  # noqa: E402
 from camex_vision.train import checkpoint as ckpt  # noqa: E402
 from camex_vision.train.data import (  # noqa: E402
     VERIFY_LEVELS, build_dataset, class_names, parse_dataset_name, verify_images)
@@ -476,6 +477,7 @@ def evaluate(
         usage.update(camex_vision.expert_usage(model), input.shape[0])
         progress.update(step)
     elapsed = progress.close()
+    release_merge_scratch()  # the merge core's CPU inference buffers: not held through the next training epoch
     metrics = meter.compute()
     count = metrics.pop('count')
     metrics['images_per_sec'] = round(count / max(elapsed, 1e-9), 1)

@@ -403,3 +403,16 @@ def test_configs_parse_and_the_fashion_mnist_config_is_the_embedded_default():
         if key == 'model_kwargs':
             expected = {**train_vision.DEFAULT_MODEL_KWARGS, **expected}
         assert list(expected) == list(value) if isinstance(value, list) else expected == value, key
+
+
+def test_evaluation_frees_the_merge_cores_inference_buffers():
+    from types import SimpleNamespace
+    from camex_vision.core import merge as merge_module
+    model = timm.create_model('test_camex_vit', num_classes=3)
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))]
+    args = SimpleNamespace(prefetcher=False, channels_last=False, progress='log', log_interval=50)
+    with torch.no_grad():
+        model.eval()(batches[0][0])
+    assert merge_module._SCRATCH.buffers  # an inference pass on the CPU holds them
+    metrics = train_vision.evaluate(model, batches, torch.nn.CrossEntropyLoss(), args, torch.device('cpu'), 3)
+    assert not merge_module._SCRATCH.buffers and 0 <= metrics['top1'] <= 100

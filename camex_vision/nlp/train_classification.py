@@ -21,6 +21,7 @@ from torch import nn
 from transformers import (
     AutoConfig, GPT2Config, GPT2ForSequenceClassification, T5Config, T5ForSequenceClassification)
 
+from ..core import release_merge_scratch
 from .data import (
     GLUE_TASKS, LabelledTexts, encode_labels, encode_targets, encode_texts, label_set, load_glue, normalize_task,
     pad_batch, read_labelled_file)
@@ -143,6 +144,7 @@ def evaluate_classifier(model: nn.Module, ids: List[List[int]], targets: List[An
                 preds += logits.argmax(-1).tolist()
             labels += y.tolist()
     model.train(was_training)
+    release_merge_scratch()  # the merge core's CPU inference buffers: not held through training
     preds, labels = dist.gather(preds), dist.gather(labels)
     loss_sum = dist.sum([loss_sum])[0]
     metrics = regression_metrics(preds, labels) if regression else classification_metrics(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
+from ..core import release_merge_scratch
 from .data import load_hub_text, read_text_file, token_blocks, tokenize_text
 from .training import (
     Distributed, add_model_args, add_training_args, apply_overrides, build_model, check_args, finish, fit,
@@ -101,6 +102,7 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int, dist: D
                                               reduction='sum'))
             tokens += x[:, 1:].numel()
     model.train(was_training)
+    release_merge_scratch()  # the merge core's CPU inference buffers: not held through training
     loss_sum, tokens = dist.sum([loss_sum, tokens])
     loss = loss_sum / tokens
     return {'val_loss': loss, 'perplexity': math.exp(min(loss, 50.0))}
