@@ -6,13 +6,14 @@
   allocation events (CPU) or the CUDA caching allocator;
 * Fashion-MNIST read from the IDX files into uint8 tensors (no torchvision dataset objects, no decoding per step).
 """
+import csv
 import gzip
 import os
 import platform
 import statistics
 import subprocess
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -251,3 +252,37 @@ def optional_device_sync(device: torch.device) -> Callable[[], None]:
 def ensure_dir(path: Optional[str]) -> None:
     if path:
         os.makedirs(path, exist_ok=True)
+
+
+# ---- result files ----
+
+def read_rows(path: str) -> List[Dict[str, str]]:
+    """The rows of a results CSV (none when it does not exist yet)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: str, row: Dict[str, Any], fieldnames: Sequence[str]) -> None:
+    """Append one finished run to a results CSV (header first when new) and sync it to disk: a study killed
+    mid-way keeps every run it finished, which is what makes it resumable."""
+    new = not os.path.isfile(path)
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (dpi 120) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    ensure_dir(os.path.dirname(path))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f'plot -> {path}', flush=True)

@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402  (also registers the camex_* models)
     IMG_DIR, MIB, RESULTS_DIR, count_flops, cpu_peak_bytes, create_model, cuda_peak_bytes, ensure_dir, fmt_mmm,
-    load_average, machine_info, min_med_max, num_params, optional_device_sync)
+    load_average, machine_info, min_med_max, num_params, optional_device_sync, save_figure)
 
 import camex_vision  # noqa: E402
 
@@ -383,11 +383,7 @@ def plot(report: Dict[str, Any], path: str) -> None:
     fig.suptitle(f'{s["device"]} {s["dtype"]}, batch {s["batch"]}, {report["machine"]["threads"]} thread(s): median '
                  f'and min-max over rounds ({s["repeats"]} inference, {s.get("train_repeats", s["repeats"])} '
                  f'training)', fontsize=9)
-    fig.tight_layout()
-    ensure_dir(os.path.dirname(path))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f'plot -> {path}')
+    save_figure(fig, path)
 
 
 # ---- command line ----

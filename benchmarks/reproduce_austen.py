@@ -62,7 +62,6 @@ Usage:
 """
 import argparse
 import copy
-import csv
 import functools
 import hashlib
 import json
@@ -81,7 +80,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import IMG_DIR, REPO, RESULTS_DIR, count_flops, ensure_dir, machine_info, mean_std, num_params  # noqa
+from _common import (  # noqa: E402
+    IMG_DIR, REPO, RESULTS_DIR, append_row, count_flops, ensure_dir, machine_info, mean_std, num_params, read_rows,
+    save_figure)
 
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: E402
@@ -414,24 +415,6 @@ def csv_path(args: argparse.Namespace, task: str) -> str:
     return os.path.join(args.results_dir, f'austen_{task}{"_quick" if args.quick else ""}.csv')
 
 
-def read_rows(path: str) -> List[Dict[str, str]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: str, row: Dict[str, Any]) -> None:
-    new = not os.path.isfile(path)
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS[row['task']])
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_grid(args: argparse.Namespace, cfg: Dict[str, Any]) -> None:
     done = {(r['task'], r['method'], int(r['seed']), r['config'])
             for task in args.tasks for r in read_rows(csv_path(args, task))}
@@ -449,7 +432,7 @@ def run_grid(args: argparse.Namespace, cfg: Dict[str, Any]) -> None:
             for fut in finished:
                 pending.pop(fut)
                 row = fut.result()
-                append_row(csv_path(args, row['task']), row)
+                append_row(csv_path(args, row['task']), row, CSV_FIELDS[row['task']])
                 metric = f'bpb {row["bpb"]}' if row['task'] == 'clm' else f'accuracy {row["accuracy"]}%'
                 print(f'  [{time.perf_counter() - start:6.0f} s] {row["task"]} {row["method"]:18s} seed {row["seed"]}: '
                      f'{metric} ({row["wall_s"]} s wall, {row["cpu_s"]} s cpu)', flush=True)
@@ -578,11 +561,7 @@ def plot(task: str, stats: Dict[str, Dict[str, Any]], methods: Sequence[str], pa
     title = 'Austen byte-level LM (validation)' if task == 'clm' else 'Austen which-novel classification (validation)'
     fig.suptitle(f'{title}\nmean ± 1 std over seeds (dots: seeds); red: curvature-aware, blue: Euclidean',
                  fontsize=9)
-    fig.tight_layout()
-    ensure_dir(os.path.dirname(path))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f'plot -> {path}', flush=True)
+    save_figure(fig, path)
 
 
 # ---- command line ----

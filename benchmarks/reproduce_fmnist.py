@@ -55,7 +55,6 @@ Usage:
 """
 import argparse
 import copy
-import csv
 import hashlib
 import json
 import math
@@ -73,8 +72,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402  (importing _common registers the camex_* models)
-    DEFAULT_FMNIST_DIR, IMG_DIR, RESULTS_DIR, balanced_subset, count_flops, create_model, ensure_dir,
-    load_fashion_mnist, machine_info, mean_std, num_params)
+    DEFAULT_FMNIST_DIR, IMG_DIR, RESULTS_DIR, append_row, balanced_subset, count_flops, create_model, ensure_dir,
+    load_fashion_mnist, machine_info, mean_std, num_params, read_rows, save_figure)
 
 from timm.optim import create_optimizer_v2  # noqa: E402
 
@@ -273,24 +272,6 @@ def study_config(args: argparse.Namespace) -> Dict[str, Any]:
     return cfg
 
 
-def read_rows(path: str) -> List[Dict[str, str]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: str, row: Dict[str, Any]) -> None:
-    new = not os.path.isfile(path)
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_key(row: Dict[str, Any]) -> Tuple[str, str, str, int, str]:
     return row['model'], row['method'], row['phase'], int(row['seed']), row['config']
 
@@ -342,7 +323,7 @@ def run_grid(args: argparse.Namespace, cfg: Dict[str, Any]) -> None:
                 row = fut.result()
                 if job['phase'] == 'source':
                     continue
-                append_row(args.csv, row)
+                append_row(args.csv, row, CSV_FIELDS)
                 print(f'  [{time.perf_counter() - start:6.0f} s] {row["model"]:4s} {row["phase"]:7s} '
                       f'{row["method"]:18s} seed {row["seed"]}: top-1 {row["top1"]}%  ({row["wall_s"]} s wall, '
                       f'{row["cpu_s"]} s cpu, upcycle err {row["upcycle_err"]}, reparam err {row["reparam_err"]})',
@@ -473,11 +454,7 @@ def plot(stats: Dict[Tuple[str, str, str], Dict[str, Any]], args: argparse.Names
         bottom.set_xticklabels(methods, rotation=60, ha='right', fontsize=8)
     fig.suptitle('mean +- 1 std over seeds (dots: seeds); red: curvature-aware, blue: Euclidean, orange: SMoE',
                  fontsize=9)
-    fig.tight_layout()
-    ensure_dir(os.path.dirname(path))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f'plot -> {path}')
+    save_figure(fig, path)
 
 
 # ---- command line ----

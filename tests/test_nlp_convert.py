@@ -22,13 +22,7 @@ from camex_vision.nlp import (  # noqa: E402
 VOCAB, PAD, BOS, EOS = 64, 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine's cores are shared: one intra-op thread is much faster than oversubscribed ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def gpt2_config(**kw) -> GPT2Config:

@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 pytest.importorskip('transformers')
 from camex_vision.nlp import from_pretrained, is_camexified, train_classification, train_clm  # noqa: E402
@@ -14,12 +13,7 @@ GPT2_TINY = 'n_embd=32,n_layer=2,n_head=2,n_positions=64'
 T5_TINY = 'd_model=32,d_ff=64,num_layers=2,num_heads=2,d_kv=16'
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def write_corpus(path, sentences: int = 800, seed: int = 0):

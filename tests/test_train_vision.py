@@ -35,12 +35,7 @@ TINY = TINY_MODEL + ['--dataset', '', '--batch-size', '16', '--workers', '0', '-
                      '--smoothing', '0', '--lr', '1e-2', '--progress', 'log']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _env():

@@ -19,12 +19,7 @@ from camex_vision.train.synthetic import write_image_folder  # noqa: E402
 KWARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
