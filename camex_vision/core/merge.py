@@ -60,9 +60,9 @@ class _MergeScratch(threading.local):
     Without gradients, a layer's expert deltas ``[N-1, out, in]`` and merged weights ``[u, out, in]`` are temporaries
     consumed within its forward. On the CPU a fresh buffer of that size (tens to hundreds of MiB) comes straight from
     the kernel and goes back on free, so every forward pass would pay the page faults of first touch (about 2 GiB/s
-    here, against about 18 GiB/s for writing memory the process holds): that made reparameterised inference about
-    1.3x (ViT-S) to 1.7x (ViT-B) dense at FFN level. One buffer per kind, grown to the largest request and reused by
-    every layer, removes that cost. They are never used with autograd, autocast or ``torch.compile``, nor on
+    here, against about 18 GiB/s for writing memory the process holds): that made reparameterised inference 1.5x
+    (ViT-S) to 1.7x (ViT-B) dense at FFN level. One buffer per kind, grown to the largest request and reused by
+    every layer, removes that cost (1.2-1.3x remain: the merged weights' own memory traffic). They are never used with autograd, autocast or ``torch.compile``, nor on
     accelerators (their caching allocators reuse memory already). ``release_merge_scratch()`` frees them.
     """
 
