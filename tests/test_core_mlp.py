@@ -233,6 +233,8 @@ def test_runs_under_torch_compile():
     x = torch.randn(3, 5, 12)
     compiled = torch.compile(moe)
     torch.testing.assert_close(compiled(x), moe(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the inference path (eager: scratch buffers; compiled: never)
+        torch.testing.assert_close(compiled(x), moe(x), rtol=1e-4, atol=1e-5)
     moe.train()
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in moe.parameters())

@@ -88,8 +88,8 @@ def release_merge_scratch() -> None:
 
 def _scratch_allowed(x: torch.Tensor) -> bool:
     """Whether this pass may use the scratch buffers: CPU, no autograd, no autocast, not being compiled."""
-    return not (x.device.type != 'cpu' or torch.is_grad_enabled() or torch.is_autocast_enabled('cpu')
-                or torch.compiler.is_compiling())
+    return not (torch.compiler.is_compiling() or x.device.type != 'cpu' or torch.is_grad_enabled()
+                or torch.is_autocast_enabled('cpu'))
 
 
 class _BaseLink:
