@@ -29,7 +29,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
@@ -864,9 +863,6 @@ def main(argv=None) -> int:
     """Runs the script; returns the exit status (0, 2 for bad input, 130 when interrupted)."""
     if not logging.root.handlers:
         setup_default_logging()
-    # DDP warns when a gradient's strides differ from its bucket's; the curvature factors' grads differ only along
-    # a size-1 (Kronecker rank) dimension, which costs nothing
-    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     try:
         args, resume_state, resume_path = parse_args(argv)
         return run(args, resume_state, resume_path)
