@@ -232,3 +232,12 @@ def test_training_passes_never_use_the_scratch_buffers():
     y = layer(torch.randn(2, 3, 6), torch.full((2, 3), 1 / 3))
     y.sum().backward()
     assert not merge_module._SCRATCH.buffers and layer.weight_experts.grad is not None
+
+
+def test_vmap_over_units_matches_a_loop_in_inference_mode():
+    layer = MergedLinear(6, 8, num_experts=4)
+    x, gates = torch.randn(5, 2, 3, 6), torch.softmax(torch.randn(5, 2, 3), -1)
+    with torch.no_grad():
+        y = torch.func.vmap(layer)(x, gates)
+        expected = torch.stack([layer(x[i], gates[i]) for i in range(5)])
+    torch.testing.assert_close(y, expected)

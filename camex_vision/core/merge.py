@@ -87,9 +87,10 @@ def release_merge_scratch() -> None:
 
 
 def _scratch_allowed(x: torch.Tensor) -> bool:
-    """Whether this pass may use the scratch buffers: CPU, no autograd, no autocast, not being compiled."""
+    """Whether this pass may use the scratch buffers: CPU, no autograd, no autocast, not being compiled, not inside
+    a ``torch.func`` transform (``vmap`` has no batching rule for ``out=``)."""
     return not (torch.compiler.is_compiling() or x.device.type != 'cpu' or torch.is_grad_enabled()
-                or torch.is_autocast_enabled('cpu'))
+                or torch.is_autocast_enabled('cpu') or torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 class _BaseLink:
