@@ -72,7 +72,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402  (importing _common registers the camex_* models)
-    DEFAULT_FMNIST_DIR, IMG_DIR, RESULTS_DIR, append_row, balanced_subset, count_flops, create_model, ensure_dir,
+    DEFAULT_FMNIST_DIR, IMG_DIR, REPO, RESULTS_DIR, append_row, balanced_subset, count_flops, create_model, ensure_dir,
     load_fashion_mnist, machine_info, mean_std, num_params, read_rows, save_figure)
 
 from timm.optim import create_optimizer_v2  # noqa: E402
@@ -369,7 +369,8 @@ def report(args: argparse.Namespace, cfg: Dict[str, Any]) -> str:
     stats = summarise(rows, cfg['hash'])
     meta_path = os.path.splitext(args.csv)[0] + '_meta.json'
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
-    lines = [f'Fashion-MNIST study, configuration {cfg["hash"]} ({args.csv}, {len(rows)} rows)', '']
+    lines = [f'Fashion-MNIST study, configuration {cfg["hash"]} ({os.path.relpath(args.csv, REPO)}, {len(rows)} rows)',
+             '']
     if meta:
         lines += [f'- machine: {meta["machine"]["cpu"]}; {meta["machine"]["software"]}',
                   f'- command: `{meta["command"]}`',

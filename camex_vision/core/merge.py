@@ -62,8 +62,9 @@ class _MergeScratch(threading.local):
     the kernel and goes back on free, so every forward pass would pay the page faults of first touch (about 2 GiB/s
     here, against about 18 GiB/s for writing memory the process holds): that made reparameterised inference 1.5x
     (ViT-S) to 1.7x (ViT-B) dense at FFN level. One buffer per kind, grown to the largest request and reused by
-    every layer, removes that cost (1.2-1.3x remain: the merged weights' own memory traffic). They are never used with autograd, autocast or ``torch.compile``, nor on
-    accelerators (their caching allocators reuse memory already). ``release_merge_scratch()`` frees them.
+    every layer, removes that cost (1.2-1.3x remain: the merged weights' own memory traffic). They are never used
+    with autograd, autocast, ``torch.compile`` or ``torch.func`` transforms, nor on accelerators (their caching
+    allocators reuse memory already). ``release_merge_scratch()`` frees them.
     """
 
     def __init__(self):
@@ -186,7 +187,8 @@ class MergedLinear(nn.Module):
         if (bias is not None) != self.has_bias:
             raise ValueError(f'dense layer has bias={bias is not None} but the merged layer has bias={self.has_bias}')
         if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f'cannot upcycle a dense bias of shape {tuple(bias.shape)}; expected ({self.out_features},)')
+            raise ValueError(
+                f'cannot upcycle a dense bias of shape {tuple(bias.shape)}; expected ({self.out_features},)')
         if self.owns_base:
             self.weight_base.copy_(weight)
         self.weight_experts.copy_(weight.expand_as(self.weight_experts))
