@@ -38,7 +38,7 @@ Models are created through their timm entry points (``_common.create_model``): `
 ``None``-valued kwargs, which would turn ``mask=None`` into the models' default ``mask='ties'``.
 
 Upcycling: the Vanilla seed-0 model of the grid is saved, then every MoE row is created from it with
-``pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=10)`` (the models'
+``pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=10, input_size=...)`` (the models'
 checkpoint filter upcycles the dense FFN into every expert; the largest logit difference to the dense model is
 recorded, it must be ~0) and fine-tuned for a short budget; the Vanilla row fine-tunes the dense model itself for
 the same budget, the control every upcycled row is compared with.
@@ -145,11 +145,13 @@ def create(model_key: str, method: str, pretrained_file: Optional[str] = None) -
     if moe is None:
         model = create_model(spec['dense'], **spec['dims'])
         if pretrained_file:
-            model.load_state_dict(torch.load(pretrained_file, map_location='cpu'))
+            model.load_state_dict(torch.load(pretrained_file, map_location='cpu', weights_only=True))
         return model
     kwargs = dict(spec['dims'], num_experts=NUM_EXPERTS, **moe)
     if pretrained_file:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained_file, num_classes=10))
+        size = spec['img_size']
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(
+            file=pretrained_file, num_classes=10, input_size=(1, size, size)))
     return create_model(spec['moe'], **kwargs)
 
 
