@@ -49,7 +49,7 @@ there (same model, method, phase, seed and configuration hash), so the study is 
 the summary tables (Markdown) and the plots from the CSV.
 
 Usage:
-    python benchmarks/reproduce_fmnist.py --quick                   # smoke run, separate CSV (a few minutes)
+    python benchmarks/reproduce_fmnist.py --quick                   # smoke run, separate CSV (about 8 minutes)
     nice -n 10 python benchmarks/reproduce_fmnist.py                # the full study (resumable)
     python benchmarks/reproduce_fmnist.py --report-only             # tables and plots from the CSV
 """
