@@ -277,6 +277,15 @@ def append_row(path: str, row: Dict[str, Any], fieldnames: Sequence[str]) -> Non
         os.fsync(f.fileno())
 
 
+def method_color(method: str) -> str:
+    """Plot colour of a row of the paper's tables: gray Vanilla, orange SMoE, red curvature-aware, blue Euclidean."""
+    if method == 'Vanilla':
+        return 'tab:gray'
+    if method == 'SMoE':
+        return 'tab:orange'
+    return 'tab:red' if method.endswith('-CA') or method == 'Dynamic' else 'tab:blue'
+
+
 def save_figure(fig, path: str) -> None:
     """Lay out, write (dpi 120) and close a matplotlib figure."""
     import matplotlib.pyplot as plt

@@ -81,8 +81,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    IMG_DIR, REPO, RESULTS_DIR, append_row, count_flops, ensure_dir, machine_info, mean_std, num_params, read_rows,
-    save_figure)
+    IMG_DIR, REPO, RESULTS_DIR, append_row, count_flops, ensure_dir, machine_info, mean_std, method_color, num_params,
+    read_rows, save_figure)
 
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: E402
@@ -548,8 +548,7 @@ def plot(task: str, stats: Dict[str, Dict[str, Any]], methods: Sequence[str], pa
     for ax, (key, label, lower, _) in zip(axes[0], metrics):
         for i, m in enumerate(present):
             s = stats[m]
-            color = 'tab:gray' if m == 'Vanilla' else 'tab:orange' if m == 'SMoE' else (
-                'tab:red' if m.endswith('-CA') or m == 'Dynamic' else 'tab:blue')
+            color = method_color(m)
             ax.errorbar(i, s[f'{key}_mean'], yerr=s[f'{key}_std'], fmt='o', color=color, capsize=4)
             ax.scatter([i] * len(s[key]), s[key], s=8, color=color, alpha=0.4)
         if 'Vanilla' in stats:

@@ -73,7 +73,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402  (importing _common registers the camex_* models)
     DEFAULT_FMNIST_DIR, IMG_DIR, REPO, RESULTS_DIR, append_row, balanced_subset, count_flops, create_model, ensure_dir,
-    load_fashion_mnist, machine_info, mean_std, num_params, read_rows, save_figure)
+    load_fashion_mnist, machine_info, mean_std, num_params, method_color, read_rows, save_figure)
 
 from timm.optim import create_optimizer_v2  # noqa: E402
 
@@ -434,8 +434,7 @@ def plot(stats: Dict[Tuple[str, str, str], Dict[str, Any]], args: argparse.Names
         methods = [m for m in args.methods if (model_key, phase, m) in stats]
         for i, m in enumerate(methods):
             s = stats[(model_key, phase, m)]
-            color = 'tab:gray' if m == 'Vanilla' else 'tab:orange' if m == 'SMoE' else (
-                'tab:red' if m.endswith('-CA') or m == 'Dynamic' else 'tab:blue')
+            color = method_color(m)
             top.errorbar(i, s['mean'], yerr=s['std'], fmt='o', color=color, capsize=4)
             top.scatter([i] * len(s['top1']), s['top1'], s=8, color=color, alpha=0.4)
             deltas = paired_delta(stats, model_key, phase, m)
